@@ -1,0 +1,111 @@
+"""The embedded default model: a tiny random-weight InstructBLIP (T5 language model) + processor.
+
+No model hub is reachable here, so tests and the demo write this folder once and load it with the
+same ``from_pretrained`` calls a GPU node uses for ``Salesforce/instructblip-flan-t5-xl``. Its
+tokenizers are trained offline on synthetic captions (the synthetic scenes' vocabulary), and its
+shape mirrors the real model: ViT -> Q-Former with cross-attention -> query tokens -> T5.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    BertTokenizerFast,
+    BlipImageProcessor,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipProcessor,
+    T5TokenizerFast,
+)
+
+from rsilora.files import prepare_output_dir, replace_dir
+from rsilora.synth import RSICAP_PROMPTS, caption_corpus
+
+ZERO_SHOT_PROMPT = "Describe this aerial/satellite image in detail:"
+
+# Sizes: small enough to train at ~0.02 s/step on a CPU, big enough that LoRA learns the captions.
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              image_size=224, patch_size=32)  # 7 x 7 patches + CLS
+QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               cross_attention_frequency=1, max_position_embeddings=128)
+TEXT = dict(model_type="t5", d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2,
+            num_decoder_layers=2, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+            pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+NUM_QUERY_TOKENS = 8
+
+
+def _corpus(seed: int) -> list[str]:
+    return caption_corpus(600, seed=seed) + list(RSICAP_PROMPTS) + [ZERO_SHOT_PROMPT]
+
+
+def _t5_tokenizer(corpus: list[str], vocab_size: int) -> T5TokenizerFast:
+    """SentencePiece-style Unigram tokenizer with T5's special ids: <pad>=0, </s>=1, <unk>=2."""
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    alphabet = [chr(c) for c in range(32, 127)]  # any ASCII text stays representable
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", initial_alphabet=alphabet)
+    tok.train_from_iterator(corpus, trainer)
+    vocab = [tuple(piece) for piece in json.loads(tok.to_str())["model"]["vocab"]]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def _bert_tokenizer(corpus: list[str], vocab_size: int) -> BertTokenizerFast:
+    """Lower-case WordPiece tokenizer for the Q-Former, as BERT's."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(corpus, trainer)
+    # `vocab=` takes the mapping; `vocab_file=` would be silently ignored in transformers 5.
+    return BertTokenizerFast(vocab=tok.get_vocab())
+
+
+def build_tiny(seed: int = 0, vocab_size: int = 1000):
+    """Build ``(model, processor)`` in memory: random weights from ``seed``, tokenizers from synthetic text."""
+    corpus = _corpus(seed)
+    t5_tokenizer = _t5_tokenizer(corpus, vocab_size)
+    bert_tokenizer = _bert_tokenizer(corpus, vocab_size)
+    image_processor = BlipImageProcessor(size={"height": VISION["image_size"], "width": VISION["image_size"]})
+    # The processor adds the <image> token to the T5 tokenizer: build it before the model config.
+    processor = InstructBlipProcessor(image_processor, t5_tokenizer, bert_tokenizer,
+                                      num_query_tokens=NUM_QUERY_TOKENS)
+    config = InstructBlipConfig(
+        vision_config=VISION,
+        qformer_config=dict(QFORMER, vocab_size=len(bert_tokenizer), encoder_hidden_size=VISION["hidden_size"],
+                            pad_token_id=bert_tokenizer.pad_token_id),
+        text_config=dict(TEXT, vocab_size=len(t5_tokenizer)),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=t5_tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(config)
+    model.generation_config.max_new_tokens = 128
+    return model, processor
+
+
+def write_tiny_model(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the tiny model + processor to ``out_dir`` (refuses a non-empty folder unless ``overwrite``)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        prepare_output_dir(out_dir, overwrite=False)  # raises OutputExistsError with the message
+    model, processor = build_tiny(seed)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
