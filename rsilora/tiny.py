@@ -8,13 +8,15 @@ shape mirrors the real model: ViT -> Q-Former with cross-attention -> query toke
 
 from __future__ import annotations
 
-import json
+import math
+import re
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     BertTokenizerFast,
     BlipImageProcessor,
@@ -36,7 +38,7 @@ QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_at
                cross_attention_frequency=1, max_position_embeddings=128)
 TEXT = dict(model_type="t5", d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2,
             num_decoder_layers=2, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
-            pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+            pad_token_id=0, eos_token_id=1)  # tied + scaled output, as original T5: sane random logits
 NUM_QUERY_TOKENS = 8
 
 
@@ -44,17 +46,25 @@ def _corpus(seed: int) -> list[str]:
     return caption_corpus(600, seed=seed) + list(RSICAP_PROMPTS) + [ZERO_SHOT_PROMPT]
 
 
-def _t5_tokenizer(corpus: list[str], vocab_size: int) -> T5TokenizerFast:
-    """SentencePiece-style Unigram tokenizer with T5's special ids: <pad>=0, </s>=1, <unk>=2."""
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    alphabet = [chr(c) for c in range(32, 127)]  # any ASCII text stays representable
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", initial_alphabet=alphabet)
-    tok.train_from_iterator(corpus, trainer)
-    vocab = [tuple(piece) for piece in json.loads(tok.to_str())["model"]["vocab"]]
+def _t5_tokenizer(corpus: list[str]) -> T5TokenizerFast:
+    """SentencePiece-style Unigram tokenizer with T5's special ids: <pad>=0, </s>=1, <unk>=2.
+
+    Pieces are the corpus's words (scored by log frequency) plus every printable ASCII character,
+    so synthetic captions cost about one token per word, like a real T5 on English, and any text
+    stays representable. (The ``tokenizers`` Unigram trainer splits words badly on so small a corpus.)
+    """
+    counts = Counter(word for text in corpus for word in re.findall(r"[A-Za-z0-9'-]+|[^\sA-Za-z0-9'-]", text))
+    total = sum(counts.values())
+    pieces = [(f"\u2581{word}", math.log(n / total)) for word, n in counts.most_common()]
+    pieces += [(word, math.log(n / total) - 1.0) for word, n in counts.most_common()]  # after punctuation
+    chars = [chr(c) for c in range(33, 127)]
+    pieces += [(c, -20.0) for c in chars] + [("\u2581", -20.0)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    seen = {p for p, _ in vocab}
+    for piece, score in pieces:
+        if piece not in seen:
+            seen.add(piece)
+            vocab.append((piece, score))
     return T5TokenizerFast(vocab=vocab, extra_ids=0)
 
 
@@ -70,11 +80,11 @@ def _bert_tokenizer(corpus: list[str], vocab_size: int) -> BertTokenizerFast:
     return BertTokenizerFast(vocab=tok.get_vocab())
 
 
-def build_tiny(seed: int = 0, vocab_size: int = 1000):
+def build_tiny(seed: int = 0, qformer_vocab_size: int = 1000):
     """Build ``(model, processor)`` in memory: random weights from ``seed``, tokenizers from synthetic text."""
     corpus = _corpus(seed)
-    t5_tokenizer = _t5_tokenizer(corpus, vocab_size)
-    bert_tokenizer = _bert_tokenizer(corpus, vocab_size)
+    t5_tokenizer = _t5_tokenizer(corpus)
+    bert_tokenizer = _bert_tokenizer(corpus, qformer_vocab_size)
     image_processor = BlipImageProcessor(size={"height": VISION["image_size"], "width": VISION["image_size"]})
     # The processor adds the <image> token to the T5 tokenizer: build it before the model config.
     processor = InstructBlipProcessor(image_processor, t5_tokenizer, bert_tokenizer,
