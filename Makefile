@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.rsilora-installed
+DATA := data/synthetic
+TINY := models/tiny-instructblip
+
+.PHONY: install test demo bench clean-demo
+
+# Re-installs only when the package metadata or the pins change.
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+$(DATA)/RSICap/captions.json: | install
+	$(BIN)/rsilora synth --out $(DATA) --train-images 200 --test-images 40 --seed 0
+
+$(TINY)/config.json: | install
+	$(BIN)/rsilora tiny-model --out $(TINY) --seed 0
+
+demo: install $(DATA)/RSICap/captions.json $(TINY)/config.json
+	$(BIN)/rsilora train --preset tiny train.output_dir=runs/demo/train-$$(date +%Y%m%d-%H%M%S)
+
+bench: install
+	$(BIN)/python bench/loop_overhead.py
+
+clean-demo:
+	rm -rf $(DATA) $(TINY) runs/demo
