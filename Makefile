@@ -27,8 +27,9 @@ $(DATA)/RSICap/captions.json: | install
 $(TINY)/config.json: | install
 	$(BIN)/rsilora tiny-model --out $(TINY) --seed 0
 
+# The main job: a local Ray head on loopback, stage 1 submitted with `ray job submit`, the best config.
 demo: install $(DATA)/RSICap/captions.json $(TINY)/config.json
-	$(BIN)/rsilora train --preset tiny train.output_dir=runs/demo/train-$$(date +%Y%m%d-%H%M%S)
+	BIN=$(BIN) tune_jobs/demo.sh
 
 bench: install
 	$(BIN)/python bench/loop_overhead.py

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from rsilora.augment import eval_transform
-from rsilora.cli import quiet_libraries
 from rsilora.data import CaptionCollator, CaptionDataset, load_rsicap
-from rsilora.model import load_model, load_processor, prepare_model
+from rsilora.model import load_model, load_processor, prepare_model, quiet_libraries
 from rsilora.synth import write_synthetic_datasets
 from rsilora.tiny import write_tiny_model
 from rsilora.train import build_optimizer, build_scheduler, train_one_epoch

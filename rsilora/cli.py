@@ -135,6 +135,31 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_best(args) -> int:
+    import json
+
+    from rsilora import results
+
+    top = results.best(args.experiment)
+    if args.json:
+        print(json.dumps(results.best_as_dict(top), indent=2))
+        return 0
+    print(results.trials_table(results.read_trials(args.experiment)))
+    print(f"\nbest: trial {top.trial_id}, val_loss {top.val_loss:.4f} at epoch {top.epoch}")
+    print(f"searched values: {json.dumps(top.overrides)}")
+    print(f"checkpoint:      {top.checkpoint}")
+    return 0
+
+
+def cmd_export_best(args) -> int:
+    from rsilora import results
+
+    out = results.export_best(args.experiment, args.out, overwrite=args.overwrite)
+    print(f"best adapter + config.yaml written to {out}")
+    print(f"load it with: PeftModel.from_pretrained(base_model, {str(out)!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsilora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,21 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of failing")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("best", help="the best trial of a Ray Tune experiment (by each trial's best epoch)")
+    p.add_argument("experiment", help="experiment folder or URI, e.g. runs/tune/stage1")
+    p.add_argument("--json", action="store_true", help="print the best trial as JSON")
+    p.set_defaults(func=cmd_best)
+
+    p = sub.add_parser("export-best", help="copy the best trial's adapter and resolved config to a folder")
+    p.add_argument("experiment")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export_best)
     return parser
-
-
-def quiet_libraries() -> None:
-    """Hide per-file loading bars and a deprecation PEFT triggers inside transformers."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from rsilora.model import quiet_libraries
+
     quiet_libraries()
     try:
         return args.func(args)

@@ -22,6 +22,16 @@ PARTS = ("vision_model", "qformer", "query_tokens", "language_projection", "lang
 _PEFT_PREFIX = re.compile(r"^base_model\.model\.")
 
 
+def quiet_libraries() -> None:
+    """Hide per-file weight-loading bars and a deprecation that PEFT triggers inside transformers."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU."""
     if name == "auto":

@@ -94,11 +94,13 @@ def make_loaders(prepared: PreparedData, processor, config: Config, device: torc
 
 
 def run_training(config: Config, output_dir: str | Path | None = None, *, on_epoch: EpochCallback | None = None,
-                 resume_from: str | Path | None = None, overwrite: bool = False) -> TrainState:
+                 resume_from: str | Path | None = None, overwrite: bool = False,
+                 verify_images: bool = True) -> TrainState:
     """Train as ``config`` says; write the run folder (see :mod:`rsilora.train`).
 
     ``resume_from`` continues from a checkpoint folder (e.g. ``<run>/checkpoint``). A non-empty
-    output folder is refused unless resuming into it or ``overwrite`` is set.
+    output folder is refused unless resuming into it or ``overwrite`` is set. ``verify_images=False``
+    skips decoding every image up front (the Tune driver has already checked them once).
     """
     tcfg = config.train
     if config.model.mode == "zero-shot":
@@ -111,7 +113,7 @@ def run_training(config: Config, output_dir: str | Path | None = None, *, on_epo
 
     seed_everything(tcfg.seed)
     device = resolve_device(tcfg.device)
-    prepared = prepare_data(config)
+    prepared = prepare_data(config, verify_images=verify_images)
     print(prepared.split.summary(), flush=True)
     processor = load_processor(config.model.name_or_path)
     lengths = rsdata.caption_lengths([r.caption for r in prepared.train + prepared.val], processor.tokenizer,

@@ -271,14 +271,15 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, *, epochs: int, o
             state.epochs_without_improvement += 1
         if improved:
             state.best_val_loss, state.best_epoch = val_loss, epoch
+        if patience is not None and state.epochs_without_improvement >= patience and epoch < epochs:
+            state.stopped_early = True
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                    "lr": scheduler.get_last_lr()[0], "epoch_time_s": epoch_time,
                    "peak_mem_gb": peak_memory_gb(device), "step": state.global_step,
-                   "best_val_loss": state.best_val_loss, "best_epoch": state.best_epoch}
+                   "best_val_loss": state.best_val_loss, "best_epoch": state.best_epoch,
+                   "stopped_early": state.stopped_early}
         state.history.append(metrics)
         state.epoch = epoch
-        if patience is not None and state.epochs_without_improvement >= patience and epoch < epochs:
-            state.stopped_early = True
 
         if writer is not None:
             _log_epoch(writer, metrics)
