@@ -32,7 +32,9 @@ demo: install $(DATA)/RSICap/captions.json $(TINY)/config.json
 	BIN=$(BIN) tune_jobs/demo.sh
 
 bench: install
-	$(BIN)/python bench/loop_overhead.py
+	mkdir -p runs/bench
+	$(BIN)/python bench/loop_overhead.py --json runs/bench/loop_overhead.json
+	$(BIN)/python bench/asha_vs_fifo.py --json runs/bench/asha_vs_fifo.json
 
 clean-demo:
 	rm -rf $(DATA) $(TINY) runs/demo
