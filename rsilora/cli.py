@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rsilora.config import PRESETS, ConfigError, load_config, to_yaml
 from rsilora.data import DataError
-from rsilora.files import OutputExistsError
+from rsilora.files import OutputExistsError, prepare_output_dir
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -39,9 +39,14 @@ def cmd_tiny_model(args) -> int:
     from rsilora.model import count_parameters, load_model, resolve_device
     from rsilora.tiny import write_tiny_model
 
-    out = write_tiny_model(args.out, seed=args.seed, overwrite=args.overwrite)
-    model = load_model(str(out), resolve_device("cpu"))  # proves it loads with from_pretrained
-    print(f"tiny InstructBLIP written to {out} ({count_parameters(model).total:,} parameters)")
+    out = write_tiny_model(args.out, seed=args.seed, overwrite=args.overwrite, kind=args.kind)
+    if args.kind == "blip2":
+        from transformers import Blip2ForConditionalGeneration
+
+        model = Blip2ForConditionalGeneration.from_pretrained(out)
+    else:
+        model = load_model(str(out), resolve_device("cpu"))  # proves it loads with from_pretrained
+    print(f"tiny {args.kind} written to {out} ({count_parameters(model).total:,} parameters)")
     return 0
 
 
@@ -160,6 +165,102 @@ def cmd_export_best(args) -> int:
     return 0
 
 
+def _generation(args, config):
+    from rsilora.compare import Generation
+
+    e = config.eval
+    return Generation(prompt=e.prompt, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                      num_beams=e.num_beams, repetition_penalty=e.repetition_penalty,
+                      resamples=args.resamples, seed=args.seed)
+
+
+def _trained_candidate(args, base):
+    from rsilora import compare
+
+    if args.experiment:
+        return compare.from_experiment(args.experiment)
+    if args.adapter:
+        return compare.from_run(args.adapter, base, kind="lora")
+    if args.full:
+        return compare.from_run(args.full, base, kind="full")
+    return None
+
+
+def cmd_evaluate(args) -> int:
+    from rsilora import compare
+    from rsilora.model import resolve_device
+
+    config = _config(args)
+    base = args.model or config.model.name_or_path
+    if sum(bool(x) for x in (args.adapter, args.experiment, args.full, args.blip2)) > 1:
+        raise ValueError("give at most one of --adapter, --experiment, --full, --blip2")
+    candidate = _trained_candidate(args, args.model) or (compare.blip2(args.blip2) if args.blip2
+                                                         else compare.zero_shot(base))
+    out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    entry = compare.evaluate_candidate(candidate, str(args.data), out, _generation(args, config),
+                                       resolve_device(config.train.device))
+    print(compare.comparison_markdown({"models": [entry], "images": entry["images"], "paired": [],
+                                       "bootstrap": {"resamples": args.resamples, "seed": args.seed},
+                                       "efficiency": {}}))
+    print(f"predictions and metrics: {out / candidate.key}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from rsilora import compare
+    from rsilora.model import resolve_device
+
+    config = _config(args)
+    trained = [c for c in (_trained_candidate(args, args.model),) if c is not None]
+    if args.full and (args.experiment or args.adapter):
+        trained.append(compare.from_run(args.full, args.model, kind="full"))
+    base = args.model or (trained[0].base if trained else config.model.name_or_path)
+    candidates = ([compare.blip2(args.blip2)] if args.blip2 else []) + [compare.zero_shot(base)] + trained
+    result = compare.compare(candidates, str(args.data), args.out, _generation(args, config),
+                             resolve_device(config.train.device), overwrite=args.overwrite)
+    print("\n" + compare.comparison_markdown(result))
+    print(f"comparison: {Path(args.out) / 'comparison.md'} (.json, .csv)")
+    return 0
+
+
+def cmd_repeat(args) -> int:
+    from rsilora import results
+    from rsilora.config import config_from_dict, merge
+    from rsilora.model import resolve_device
+    from rsilora.repeats import repeat, repeats_markdown
+
+    config = _config(args)
+    if args.experiment:  # the search's best configuration, with this command's settings on top
+        config = config_from_dict(merge(results.best(args.experiment).config, {"eval": config.to_dict()["eval"]}))
+    seeds = args.seeds or list(range(args.repeats))
+    result = repeat(config, seeds, str(args.data), args.out, _generation(args, config),
+                    resolve_device(config.train.device), overwrite=args.overwrite)
+    print("\n" + repeats_markdown(result))
+    print(f"repeats: {Path(args.out) / 'repeats.md'} (.json)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from rsilora.report import write_report
+
+    path = write_report(args.experiment, args.eval, args.out, overwrite=args.overwrite)
+    print(f"report: {path}")
+    return 0
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--data", type=Path, required=True, help="RSIEval-format folder (annotations.json + images/)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", help="base model (default: the config's, or the experiment's)")
+    p.add_argument("--experiment", help="Ray Tune experiment: evaluate its best trial's best epoch")
+    p.add_argument("--adapter", help="LoRA adapter folder (a run's best/ or an export-best folder)")
+    p.add_argument("--full", help="full fine-tuning model folder (a model.mode=full run's best/)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95 %% intervals")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--overwrite", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsilora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("tiny-model", help="write a tiny random-weight InstructBLIP + processor")
+    p = sub.add_parser("tiny-model", help="write a tiny random-weight InstructBLIP (or BLIP-2) + processor")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--kind", choices=("instructblip", "blip2"), default="instructblip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_tiny_model)
@@ -214,6 +316,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="experiment folder or URI, e.g. runs/tune/stage1")
     p.add_argument("--json", action="store_true", help="print the best trial as JSON")
     p.set_defaults(func=cmd_best)
+
+    p = sub.add_parser("evaluate", help="caption an RSIEval-format set with one model and score it (with CIs)")
+    _add_eval_args(p)
+    p.add_argument("--blip2", help="evaluate this BLIP-2 model zero-shot instead")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="the baseline table: zero-shot, BLIP-2, LoRA, full FT on RSIEval")
+    _add_eval_args(p)
+    p.add_argument("--blip2", help="BLIP-2 model for the BLIP-2 zero-shot baseline")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("repeat", help="train one configuration with several seeds; metrics mean ± std")
+    _add_config_args(p)
+    p.add_argument("--data", type=Path, required=True, help="RSIEval-format folder to evaluate each run on")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--experiment", help="repeat this experiment's best configuration (else --config/--preset)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seeds", type=int, nargs="*", help="training seeds (default 0 .. repeats-1)")
+    p.add_argument("--resamples", type=int, default=200, help="bootstrap resamples per run")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_repeat)
+
+    p = sub.add_parser("report", help="plots, tables and report.md from saved results")
+    p.add_argument("experiment", nargs="?", help="Ray Tune experiment folder")
+    p.add_argument("--eval", help="comparison folder written by `rsilora compare`")
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export-best", help="copy the best trial's adapter and resolved config to a folder")
     p.add_argument("experiment")

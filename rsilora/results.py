@@ -85,6 +85,9 @@ class TrialSummary:
     status: str
     """completed, early-stopped (patience), stopped by ASHA, errored, or running/incomplete."""
     time_s: float
+    """Wall time of the trial (Ray's time_total_s at its last report)."""
+    trainable_params: int | None = None
+    """Trainable parameters of the trial's model (LoRA adapters), as reported."""
     nodes: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -100,6 +103,10 @@ class BestTrial:
     checkpoint: str | None
     overrides: dict[str, Any]
     config: dict[str, Any]
+    training_time_s: float | None = None
+    """Sum of the trial's epoch times (training + validation, no start-up)."""
+    training_peak_mem_gb: float | None = None
+    """Highest peak GPU memory of the trial's epochs (0.0 on CPU)."""
 
 
 def read_stage(experiment: str | Path) -> dict[str, Any]:
@@ -161,6 +168,7 @@ def _summarise(trial_dir: str, stage: dict[str, Any]) -> TrialSummary:
         best_checkpoint=checkpoint, train_loss_at_best=best["train_loss"] if best else None,
         epochs_run=epochs_run, planned_epochs=planned, status=status,
         time_s=float(rows[-1].get("time_total_s", 0.0)) if rows else 0.0,
+        trainable_params=rows[-1].get("trainable_params") if rows else None,
         nodes=sorted({r["node_id"] for r in rows if "node_id" in r}),
         history=[{k: r[k] for k in ("epoch", "train_loss", "val_loss", "lr", "epoch_time_s", "peak_mem_gb")
                   if k in r} for r in rows],
@@ -195,7 +203,8 @@ def best(experiment: str | Path) -> BestTrial:
         raise ValueError(f"{experiment}: no trial has reported a val_loss yet")
     top = min(trials, key=lambda t: t.best_val_loss)
     return BestTrial(normalise(experiment), top.trial_id, top.best_val_loss, top.best_epoch, top.best_checkpoint,
-                     top.overrides, top.config)
+                     top.overrides, top.config, sum(h.get("epoch_time_s", 0.0) for h in top.history),
+                     max((h.get("peak_mem_gb", 0.0) for h in top.history), default=None))
 
 
 def trials_table(trials: list[TrialSummary]) -> str:

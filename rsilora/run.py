@@ -135,6 +135,9 @@ def run_training(config: Config, output_dir: str | Path | None = None, *, on_epo
     if state is not None:
         print(f"resuming after epoch {state.epoch} (step {state.global_step})", flush=True)
 
+    if on_epoch is not None:  # each report carries the run's size, for tables across trials
+        report, on_epoch = on_epoch, lambda metrics, ckpt: report({**metrics, "trainable_params": params.trainable,
+                                                                    "total_params": params.total}, ckpt)
     extra = {"parameters": asdict(params), "data": prepared.summary(), "captions": asdict(lengths),
              "device": str(device), "mode": config.model.mode, "total_steps": total_steps}
     with SummaryWriter(str(output_dir / "tensorboard")) as writer:

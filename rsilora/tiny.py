@@ -19,6 +19,9 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     BertTokenizerFast,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
     BlipImageProcessor,
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
@@ -103,12 +106,39 @@ def build_tiny(seed: int = 0, qformer_vocab_size: int = 1000):
     return model, processor
 
 
-def write_tiny_model(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write the tiny model + processor to ``out_dir`` (refuses a non-empty folder unless ``overwrite``)."""
+def build_tiny_blip2(seed: int = 0):
+    """A tiny random-weight BLIP-2 (T5) + processor: the plan's BLIP-2 zero-shot baseline, in small.
+
+    BLIP-2's Q-Former does not read the instruction, so there is no Q-Former tokenizer.
+    """
+    t5_tokenizer = _t5_tokenizer(_corpus(seed))
+    image_processor = BlipImageProcessor(size={"height": VISION["image_size"], "width": VISION["image_size"]})
+    processor = Blip2Processor(image_processor, t5_tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
+    config = Blip2Config(
+        vision_config=VISION,
+        qformer_config=dict(QFORMER, encoder_hidden_size=VISION["hidden_size"]),
+        text_config=dict(TEXT, vocab_size=len(t5_tokenizer)),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=t5_tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config)
+    model.generation_config.max_new_tokens = 128
+    return model, processor
+
+
+def write_tiny_model(out_dir: str | Path, seed: int = 0, overwrite: bool = False, kind: str = "instructblip") -> Path:
+    """Write the tiny model + processor to ``out_dir`` (refuses a non-empty folder unless ``overwrite``).
+
+    ``kind``: ``instructblip`` (the embedded default model) or ``blip2`` (the BLIP-2 baseline).
+    """
+    builders = {"instructblip": build_tiny, "blip2": build_tiny_blip2}
+    if kind not in builders:
+        raise ValueError(f"kind must be one of {sorted(builders)}, got {kind!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         prepare_output_dir(out_dir, overwrite=False)  # raises OutputExistsError with the message
-    model, processor = build_tiny(seed)
+    model, processor = builders[kind](seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
