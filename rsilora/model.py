@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -46,8 +47,17 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def check_model_path(name_or_path: str) -> str:
+    """Refuse a local model path that does not exist (instead of a confusing hub lookup)."""
+    if name_or_path.startswith(("./", "../", "/", "~")) and not Path(name_or_path).expanduser().is_dir():
+        raise FileNotFoundError(f"model folder {name_or_path} does not exist (tiny models are written by "
+                                "`rsilora tiny-model --out DIR`; hub models are named like org/name)")
+    return name_or_path
+
+
 def load_processor(name_or_path: str) -> InstructBlipProcessor:
     """The model's processor (image processor + T5 tokenizer + Q-Former tokenizer)."""
+    check_model_path(name_or_path)
     processor = InstructBlipProcessor.from_pretrained(name_or_path)
     if processor.num_query_tokens is None:
         raise ValueError(f"{name_or_path}: processor_config.json lacks num_query_tokens")
@@ -56,6 +66,7 @@ def load_processor(name_or_path: str) -> InstructBlipProcessor:
 
 def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype | None = None):
     """Load InstructBLIP weights onto ``device`` (default dtype: :func:`compute_dtype`)."""
+    check_model_path(name_or_path)
     model = InstructBlipForConditionalGeneration.from_pretrained(
         name_or_path, dtype=dtype or compute_dtype(device)
     )

@@ -27,7 +27,7 @@ from transformers import (
 from rsilora.augment import eval_transform
 from rsilora.data import CaptionRecord, open_image
 from rsilora.files import atomic_write_json, atomic_write_text
-from rsilora.model import compute_dtype, count_parameters, image_size, load_processor
+from rsilora.model import check_model_path, compute_dtype, count_parameters, image_size, load_processor
 
 KINDS = ("zero-shot", "lora", "full", "blip2-zero-shot")
 FINE_TUNED_PROMPT = "Describe this image in detail."  # one of RSICap's own training instructions
@@ -60,6 +60,7 @@ def load_captioner(kind: str, base: str, device: torch.device, weights: str | No
     if kind in ("lora", "full") and weights is None:
         raise ValueError(f"kind={kind} needs the fine-tuned weights folder")
     dtype = compute_dtype(device)
+    check_model_path(base)
     if kind == "blip2-zero-shot":
         return _ready(Blip2ForConditionalGeneration.from_pretrained(base, dtype=dtype),
                       Blip2Processor.from_pretrained(base), device, trainable=0)

@@ -113,7 +113,7 @@ def test_stage1_job_succeeds_and_asha_stops_weak_trials(stage1):
     trials = results.read_trials(experiment)
     assert len(trials) == 8
     assert any(t.status == "stopped by ASHA" for t in trials)
-    assert sum(t.epochs_run for t in trials) < 8 * 5
+    assert sum(t.epochs_run for t in trials) < sum(t.planned_epochs for t in trials)
     for t in trials:  # every reported epoch carries the monitoring fields
         assert {"train_loss", "val_loss", "lr", "epoch_time_s", "peak_mem_gb"} <= set(t.history[0])
     assert list(experiment.glob("*/events.out.tfevents.*"))  # TensorBoard per trial, under the experiment
@@ -228,18 +228,18 @@ def test_interrupted_search_resumes_without_rerunning_completed_trials(head, syn
     driver = _start_stage1(*args)
     _wait_for(lambda: sum(len(r) == 5 for r in _trial_rows(experiment).values()) >= 2)
     driver.send_signal(signal.SIGINT)
-    driver.communicate(timeout=300)
+    first, _ = driver.communicate(timeout=300)
     before = {name: len(rows) for name, rows in _trial_rows(experiment).items()}
     finished_before = {name for name, n in before.items() if n == 5}
-    assert 2 <= len(finished_before) < 5
+    assert 2 <= len(finished_before) < 5, (before, first[-3000:])
 
     again = _start_stage1(*args)
     output, _ = again.communicate(timeout=600)
     assert again.returncode == 0, output[-3000:]
     assert "resuming experiment" in output
     after = {name: len(rows) for name, rows in _trial_rows(experiment).items()}
-    assert len(after) == 5 and all(n == 5 for n in after.values())
-    assert all(after[name] == 5 == before[name] for name in finished_before)  # not re-run
+    assert len(after) == 5 and all(n == 5 for n in after.values()), (before, after, output[-3000:])
+    assert all(after[name] == 5 == before[name] for name in finished_before), (before, after)  # not re-run
 
 
 def test_cluster_yaml_passes_rays_own_schema_validation():

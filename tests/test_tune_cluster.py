@@ -26,6 +26,7 @@ def test_trials_spread_over_two_nodes_with_results_in_shared_storage(synth, tiny
             f"data.rsicap_dir={synth.rsicap_dir}", f"data.rsieval_dir={synth.rsieval_dir}",
             f"data.split_dir={storage}/splits", f"model.name_or_path={tiny_model_dir}",
             f"tune.storage={storage}", "tune.scheduler=fifo", "tune.cpus_per_trial=1", "train.progress=false",
+            "train.early_stopping_patience=null",
         ], preset="tiny", base_dir=tmp_path)
         experiment, grid = run_stage("stage1", config, "plan", name="two-nodes")
         assert not [r for r in grid if r.error]
