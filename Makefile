@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.rsilora-installed
 DATA := data/synthetic
 TINY := models/tiny-instructblip
+BLIP2 := models/tiny-blip2
 
 .PHONY: install test demo bench clean-demo
 
@@ -27,8 +28,12 @@ $(DATA)/RSICap/captions.json: | install
 $(TINY)/config.json: | install
 	$(BIN)/rsilora tiny-model --out $(TINY) --seed 0
 
-# The main job: a local Ray head on loopback, stage 1 submitted with `ray job submit`, the best config.
-demo: install $(DATA)/RSICap/captions.json $(TINY)/config.json
+$(BLIP2)/config.json: | install
+	$(BIN)/rsilora tiny-model --kind blip2 --out $(BLIP2) --seed 0
+
+# The main job: a local Ray head on loopback, stage 1 submitted with `ray job submit`, the best
+# adapter evaluated against zero-shot baselines on the synthetic RSIEval set, and the report.
+demo: install $(DATA)/RSICap/captions.json $(TINY)/config.json $(BLIP2)/config.json
 	BIN=$(BIN) tune_jobs/demo.sh
 
 bench: install
@@ -37,4 +42,4 @@ bench: install
 	$(BIN)/python bench/asha_vs_fifo.py --json runs/bench/asha_vs_fifo.json
 
 clean-demo:
-	rm -rf $(DATA) $(TINY) runs/demo
+	rm -rf $(DATA) $(TINY) $(BLIP2) runs/tune/demo-* runs/eval/demo-* results/demo-*

@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots, tables and report.md from saved results")
     p.add_argument("experiment", nargs="?", help="Ray Tune experiment folder")
     p.add_argument("--eval", help="comparison folder written by `rsilora compare`")
-    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--out", type=Path, default=Path("results/report"))
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_report)
 

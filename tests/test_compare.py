@@ -113,3 +113,26 @@ def test_repeats_report_mean_and_std_over_seeds(make_config, synth, tmp_path):
     assert "| BLEU-4 |" in text and "stability bar" in text
     with pytest.raises(ValueError, match="two distinct seeds"):
         repeat(config, [1], str(synth.rsieval_dir), tmp_path / "again", FAST, CPU)
+
+
+def test_compare_and_report_commands(synth, tiny_model_dir, lora_run, tmp_path):
+    """The user's path: `rsilora compare` then `rsilora report --eval` on its folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rsilora = str(Path(sys.executable).parent / "rsilora")
+    compared = subprocess.run([rsilora, "compare", "--preset", "tiny", "--data", str(synth.rsieval_dir),
+                               "--model", str(tiny_model_dir), "--adapter", str(lora_run / "best"),
+                               "--out", str(tmp_path / "eval"), "--resamples", "50", "eval.max_new_tokens=16"],
+                              capture_output=True, text=True, timeout=600)
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    assert "| InstructBLIP + LoRA | RSICap |" in compared.stdout
+    reported = subprocess.run([rsilora, "report", "--eval", str(tmp_path / "eval"), "--out", str(tmp_path / "rep")],
+                              capture_output=True, text=True, timeout=300)
+    assert reported.returncode == 0, reported.stderr[-2000:]
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "InstructBLIP + LoRA" in text and (tmp_path / "rep" / "baseline_comparison.png").is_file()
+    missing = subprocess.run([rsilora, "evaluate", "--data", str(synth.rsieval_dir), "--model", "./no-such-model",
+                              "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
