@@ -39,6 +39,8 @@ demo: install $(DATA)/RSICap/captions.json $(TINY)/config.json $(BLIP2)/config.j
 bench: install
 	mkdir -p runs/bench
 	$(BIN)/python bench/loop_overhead.py --json runs/bench/loop_overhead.json
+	$(BIN)/python bench/generation_speed.py --json runs/bench/generation_speed.json
+	$(BIN)/python bench/metrics_speed.py --json runs/bench/metrics_speed.json
 	$(BIN)/python bench/asha_vs_fifo.py --json runs/bench/asha_vs_fifo.json
 
 clean-demo:
