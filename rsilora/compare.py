@@ -25,6 +25,7 @@ import torch
 from rsilora import evaluate, results
 from rsilora.data import load_rsieval
 from rsilora.files import atomic_write_json, atomic_write_text, prepare_output_dir
+from rsilora.model import format_count
 from rsilora.predict import default_prompt, generate_captions, load_captioner, write_predictions
 
 TABLE_METRICS = ("BLEU-4", "CIDEr", "ROUGE-L", "METEOR")
@@ -180,19 +181,13 @@ def efficiency(entries: list[dict[str, Any]]) -> dict[str, float | None]:
             "memory_ratio": ratio(lora["training_peak_mem_gb"], full["training_peak_mem_gb"])}
 
 
-def _count(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return str(n)
-
 
 def table_rows(comparison: dict[str, Any]) -> list[dict[str, str]]:
     """The plan's table: Model | Training | Parameters | BLEU-4 (CI) | CIDEr (CI) | ROUGE-L | METEOR | ..."""
     rows = []
     for e in comparison["models"]:
         trainable = e["parameters"]["trainable"]
-        params = _count(e["parameters"]["total"]) + (f" ({_count(trainable)} trainable)" if trainable else "")
+        params = format_count(e["parameters"]["total"]) + (f" ({format_count(trainable)} trainable)" if trainable else "")
 
         def with_ci(metric: str) -> str:
             low, high = e["ci"].get(metric, [None, None])

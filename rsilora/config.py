@@ -400,6 +400,15 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
     return nested
 
 
+def nest_dotted(dotted: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"train.lr": 1e-4}`` -> ``{"train": {"lr": 1e-4}}`` (search-space keys to config sections)."""
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in dotted.items():
+        section, _, name = key.partition(".")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Section-wise merge of two raw config dicts (``update`` wins)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}

@@ -158,18 +158,19 @@ class ParameterCounts:
     def table(self) -> str:
         rows = [("total", self.total), *self.by_part.items(), ("LoRA adapters", self.lora),
                 ("trainable", self.trainable)]
-        lines = [f"{name:<22}{n:>16,}  ({_human(n)})" for name, n in rows]
+        lines = [f"{name:<22}{n:>16,}  ({format_count(n)})" for name, n in rows]
         share = self.trainable / self.total if self.total else 0.0
         lines.append(f"{'trainable share':<22}{share:>16.4%}")
         lines.append(f"{'modules with LoRA':<22}{self.adapted_modules:>16,}")
         return "\n".join(lines)
 
 
-def _human(n: int) -> str:
+def format_count(n: int) -> str:
+    """18874368 -> '18.87 M', 4022969088 -> '4.02 B'."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
+        if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
-    return str(n)
+    return str(int(n))
 
 
 def count_parameters(model) -> ParameterCounts:

@@ -55,7 +55,7 @@ def fmt_params(n: int | None) -> str:
     """18874368 -> '18.87 M', 4022969088 -> '4.02 B'."""
     if n is None:
         return DASH
-    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):  # as rsilora.model.format_count, without torch
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return str(int(n))

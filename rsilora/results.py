@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from rsilora.config import config_from_dict, merge, to_yaml
+from rsilora.config import config_from_dict, merge, nest_dotted, to_yaml
 from rsilora.files import atomic_write_json, prepare_output_dir, replace_dir
 
 STAGE_FILE = "rsilora-stage.json"
@@ -141,7 +141,7 @@ def read_trials(experiment: str | Path) -> list[TrialSummary]:
 
 def _summarise(trial_dir: str, stage: dict[str, Any]) -> TrialSummary:
     overrides = json.loads(read_text(join(trial_dir, "params.json")))
-    config = merge(stage["base_config"], _nest(overrides))
+    config = merge(stage["base_config"], nest_dotted(overrides))
     rows = [r for r in _rows(join(trial_dir, "result.json")) if "val_loss" in r]
     planned = int(config["train"]["epochs"])
     errored = _failed_last(trial_dir, rows)
@@ -187,13 +187,6 @@ def _failed_last(trial_dir: str, rows: list[dict[str, Any]]) -> bool:
     failures = re.findall(r"occurred at (\S+)\)", read_text(location))
     return not rows or not failures or failures[-1] >= rows[-1].get("date", "")
 
-
-def _nest(dotted: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    nested: dict[str, dict[str, Any]] = {}
-    for key, value in dotted.items():
-        section, _, name = key.partition(".")
-        nested.setdefault(section, {})[name] = value
-    return nested
 
 
 def best(experiment: str | Path) -> BestTrial:

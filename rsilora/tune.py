@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from rsilora import results
-from rsilora.config import Config, config_from_dict, load_config, merge
+from rsilora.config import Config, config_from_dict, load_config, merge, nest_dotted
 
 STAGES = ("stage1", "stage2", "stage3")
 METRIC, MODE = "val_loss", "min"
@@ -84,17 +84,10 @@ def load_space(stage: str, name: str) -> StageSpace:
                       dict(space.get("fixed", {})), dict(space.get("grid", {})), list(space.get("configs", [])))
 
 
-def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
-    nested: dict[str, dict[str, Any]] = {}
-    for key, value in dotted.items():
-        section, _, name = key.partition(".")
-        nested.setdefault(section, {})[name] = value
-    return nested
-
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     """The validated config of one trial: the stage's base config + the trial's dotted values."""
-    return config_from_dict(merge(base, _nest(params)), "trial parameters")
+    return config_from_dict(merge(base, nest_dotted(params)), "trial parameters")
 
 
 def check_space(base: dict[str, Any], space: StageSpace) -> None:
@@ -280,11 +273,11 @@ def stage_base(stage: str, space: StageSpace, config: Config, previous: str | No
             previous = results.join(config.tune.storage, space.previous)
         top = results.best(previous)  # through the retrieval API, never copied by hand
         keys = [item.partition("=")[0].strip().split(".", 1) for item in explicit or []]
-        mine = _nest({f"{sec}.{key}": base[sec][key] for sec, key in keys})  # resolved (typed, absolute)
+        mine = nest_dotted({f"{sec}.{key}": base[sec][key] for sec, key in keys})  # resolved (typed, absolute)
         base = merge(merge(top.config, mine), {"tune": base["tune"]})
         origin = {"experiment": previous, "trial_id": top.trial_id, "val_loss": top.val_loss,
                   "epoch": top.epoch, "overrides": top.overrides}
-    base = merge(base, _nest(space.fixed))
+    base = merge(base, nest_dotted(space.fixed))
     return config_from_dict(base, f"{stage} base config").to_dict(), origin
 
 
