@@ -65,6 +65,12 @@ class DataConfig:
     """Probability of the colour group (jitter, grayscale, blur) per training image."""
     num_workers: int = 2
     """DataLoader worker processes (0: load in the training process)."""
+    feature_cache: bool = True
+    """Cache the frozen vision tower's output per image view and train from it (LoRA only)."""
+    cache_views: int = 4
+    """Augmented views cached per training image (one is sampled per epoch)."""
+    feature_cache_dir: str | None = None
+    """Cache location, shared by runs and trials. None: ``<rsicap_dir>/features``."""
     skip_bad: bool = False
     """Skip (and count, with a warning) bad records instead of failing."""
 
@@ -83,6 +89,8 @@ class DataConfig:
             p.append(f"data.aug_prob must be in [0, 1], got {self.aug_prob}")
         if self.num_workers < 0:
             p.append(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.cache_views < 1:
+            p.append(f"data.cache_views must be >= 1, got {self.cache_views}")
         return p
 
 
@@ -468,7 +476,7 @@ def load_config(
 
 
 _PATH_FIELDS = {
-    "data": ("rsicap_dir", "rsieval_dir", "split_dir"),
+    "data": ("rsicap_dir", "rsieval_dir", "split_dir", "feature_cache_dir"),
     "train": ("output_dir",),
     "tune": ("storage",),
 }

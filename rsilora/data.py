@@ -394,14 +394,16 @@ class CaptionCollator:
             do_resize=False,
             return_tensors="pt",
         )
-        targets = self.processor.tokenizer(
-            [item["caption"] for item in items], padding="longest", truncation=True,
-            max_length=self.max_caption_tokens, return_tensors="pt",
-        )
-        labels = targets["input_ids"]
-        labels[targets["attention_mask"] == 0] = -100  # (B, T): no loss on padding
-        batch["labels"] = labels
+        batch["labels"] = self.labels([item["caption"] for item in items])
         return dict(batch)
+
+    def labels(self, captions: list[str]) -> torch.Tensor:
+        """Caption token ids ``(B, T)``, padded with -100 (no loss on padding), ending in ``</s>``."""
+        targets = self.processor.tokenizer(captions, padding="longest", truncation=True,
+                                           max_length=self.max_caption_tokens, return_tensors="pt")
+        labels = targets["input_ids"]
+        labels[targets["attention_mask"] == 0] = -100
+        return labels
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from rsilora import data as rsdata
+from rsilora import features
 from rsilora.augment import build_transform
 from rsilora.config import Config, save_config
 from rsilora.files import prepare_output_dir
@@ -79,15 +80,65 @@ def prepare_data(config: Config, verify_images: bool = True) -> PreparedData:
                         split, split_dir, skipped, test_images)
 
 
-def make_loaders(prepared: PreparedData, processor, config: Config, device: torch.device):
-    """Train loader (augmented, shuffled) and val loader (resize only, in order)."""
+def feature_cache(config: Config, model, processor) -> features.FeatureCache:
+    """The cache folder for this model's vision tower and the data settings."""
+    cfg = config.data
+    root = Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else Path(cfg.rsicap_dir) / "features"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return features.cache_for(root, base.vision_model, config.model.name_or_path, processor.image_processor,
+                              image_size(processor), cfg.cache_views, cfg.augment, cfg.aug_prob, cfg.split_seed)
+
+
+def cache_features(config: Config, prepared: PreparedData, model, processor, device: torch.device,
+                   progress: bool = True) -> features.FeatureCache:
+    """Fill the cache for the train and val images (what is there already is reused)."""
+    cache = feature_cache(config, model, processor)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    computed = features.build_cache(cache, prepared.train, base.vision_model, processor.image_processor, device,
+                                    train=True, progress=progress)
+    computed += features.build_cache(cache, prepared.val, base.vision_model, processor.image_processor, device,
+                                     train=False, progress=progress)
+    print(f"feature cache: {cache.folder} ({computed} views computed now)", flush=True)
+    return cache
+
+
+def build_feature_cache(config: Config) -> int:
+    """Fill the feature cache for ``config``'s data and model once, before trials share it.
+
+    Returns the number of views computed (0 when everything was cached already).
+    """
+    device = resolve_device(config.train.device)
+    prepared = prepare_data(config, verify_images=False)
+    processor = load_processor(config.model.name_or_path)
+    model = load_model(config.model.name_or_path, device)
+    cache = feature_cache(config, model, processor)
+    computed = sum(features.build_cache(cache, records, model.vision_model, processor.image_processor, device,
+                                        train=train, progress=config.train.progress)
+                   for records, train in ((prepared.train, True), (prepared.val, False)))
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return computed
+
+
+def make_loaders(prepared: PreparedData, processor, config: Config, device: torch.device,
+                 cache: features.FeatureCache | None = None):
+    """Train loader (augmented, shuffled) and val loader (resize only, in order).
+
+    With a feature cache the datasets yield cached tower outputs instead of images.
+    """
     cfg, size = config.data, image_size(processor)
-    collate = rsdata.CaptionCollator(processor, cfg.max_prompt_tokens, cfg.max_caption_tokens)
+    collator = features.CachedFeatureCollator if cache else rsdata.CaptionCollator
+    collate = collator(processor, cfg.max_prompt_tokens, cfg.max_caption_tokens)
     common = dict(collate_fn=collate, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                   persistent_workers=cfg.num_workers > 0)
-    train_set = rsdata.CaptionDataset(prepared.train, build_transform(True, size, cfg.augment, cfg.aug_prob),
-                                      cfg.prompt)
-    val_set = rsdata.CaptionDataset(prepared.val, build_transform(False, size), cfg.prompt)
+    if cache:
+        train_set = features.CachedFeatureDataset(prepared.train, cache, True, cfg.prompt)
+        val_set = features.CachedFeatureDataset(prepared.val, cache, False, cfg.prompt)
+    else:
+        train_set = rsdata.CaptionDataset(prepared.train, build_transform(True, size, cfg.augment, cfg.aug_prob),
+                                          cfg.prompt)
+        val_set = rsdata.CaptionDataset(prepared.val, build_transform(False, size), cfg.prompt)
     train = DataLoader(train_set, batch_size=config.train.batch_size, shuffle=True, **common)
     val = DataLoader(val_set, batch_size=config.train.eval_batch_size or config.train.batch_size, **common)
     return train, val
@@ -127,7 +178,16 @@ def run_training(config: Config, output_dir: str | Path | None = None, *, on_epo
     params = count_parameters(model)
     print(params.table(), flush=True)
 
-    train_loader, val_loader = make_loaders(prepared, processor, config, device)
+    cache = None
+    if config.data.feature_cache and config.model.mode != "lora":
+        print(f"feature cache off: model.mode={config.model.mode} trains the vision tower", flush=True)
+    elif config.data.feature_cache:
+        cache = cache_features(config, prepared, model, processor, device, progress=tcfg.progress)
+        del_tower = features.use_cached_features(model)  # the tower leaves the GPU: not needed any more
+        del del_tower
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    train_loader, val_loader = make_loaders(prepared, processor, config, device, cache)
     total_steps = optimizer_steps_per_epoch(len(train_loader), tcfg.grad_accum) * tcfg.epochs
     optimizer = build_optimizer(model, tcfg.lr, tcfg.weight_decay)
     scheduler = build_scheduler(optimizer, tcfg.scheduler, tcfg.warmup_steps, total_steps)

@@ -305,6 +305,7 @@ def run_stage(stage: str, config: Config, space_name: str, name: str | None = No
         check_space(base, space)
         prepared = prepare_data(config_from_dict(base))  # validates data, writes the split once
         print(prepared.split.summary(), flush=True)
+        prebuild_feature_cache(base, config)
         if origin:
             print(f"base: best of {origin['experiment']} (trial {origin['trial_id']}, val_loss "
                   f"{origin['val_loss']:.4f} at epoch {origin['epoch']}): {origin['overrides']}", flush=True)
@@ -316,6 +317,20 @@ def run_stage(stage: str, config: Config, space_name: str, name: str | None = No
         _write_stage_record(experiment, record)
     grid = tuner.fit()
     return experiment, grid
+
+
+def prebuild_feature_cache(base: dict[str, Any], config: Config) -> None:
+    """Compute the vision features once, on one trial's resources, before the trials share them."""
+    import ray
+
+    from rsilora.run import build_feature_cache
+
+    if not (base["data"]["feature_cache"] and base["model"]["mode"] == "lora"):
+        return
+    resources = trial_resources(config)
+    task = ray.remote(build_feature_cache).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
+    computed = ray.get(task.remote(config_from_dict(base)))
+    print(f"feature cache ready ({computed} views computed now)", flush=True)
 
 
 def _write_stage_record(experiment: str, record: dict[str, Any]) -> None:
