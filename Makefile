@@ -42,6 +42,8 @@ bench: install
 	$(BIN)/python bench/generation_speed.py --json runs/bench/generation_speed.json
 	$(BIN)/python bench/metrics_speed.py --json runs/bench/metrics_speed.json
 	$(BIN)/python bench/asha_vs_fifo.py --json runs/bench/asha_vs_fifo.json
+	$(BIN)/python bench/feature_cache.py --json runs/bench/feature_cache.json
+	$(BIN)/python -c 'import json, pathlib; d = pathlib.Path("runs/bench"); out = d / "all.json"; out.write_text(json.dumps({p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json")) if p != out}, indent=2)); print(out)'
 
 clean-demo:
 	rm -rf $(DATA) $(TINY) $(BLIP2) runs/tune/demo-* runs/eval/demo-* results/demo-*
