@@ -44,12 +44,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import (
-    BlipImageProcessor,
-    InstructBlipConfig,
-    InstructBlipForConditionalGeneration,
-    InstructBlipProcessor,
-)
 from transformers.models.instructblip import modeling_instructblip
 
 from rsilora import features
@@ -59,7 +53,7 @@ from rsilora.config import load_config
 from rsilora.data import CaptionCollator, CaptionDataset
 from rsilora.model import flan_t5_xl_config, load_model, prepare_model, quiet_libraries
 from rsilora.synth import write_synthetic_datasets
-from rsilora.tiny import _bert_tokenizer, _corpus, _distinct_queries, _t5_tokenizer
+from rsilora.tiny import build_tiny
 from rsilora.train import build_optimizer, build_scheduler, train_one_epoch
 
 # Sized so that vision : (Q-Former + T5 forward + backward) per training image is flan-t5-xl's.
@@ -84,23 +78,8 @@ def _gpu_bench():
 
 def build_small(seed: int = 0):
     """``rsilora.tiny.build_tiny`` with the sizes above: ``(model, processor)``, random weights."""
-    corpus = _corpus(seed)
-    t5_tokenizer, bert_tokenizer = _t5_tokenizer(corpus), _bert_tokenizer(corpus, 1000)
-    size = VISION["image_size"]
-    processor = InstructBlipProcessor(BlipImageProcessor(size={"height": size, "width": size}), t5_tokenizer,
-                                      bert_tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
-    config = InstructBlipConfig(
-        vision_config=VISION,
-        qformer_config=dict(QFORMER, vocab_size=len(bert_tokenizer), encoder_hidden_size=VISION["hidden_size"],
-                            pad_token_id=bert_tokenizer.pad_token_id),
-        text_config=dict(TEXT, vocab_size=len(t5_tokenizer)),
-        num_query_tokens=NUM_QUERY_TOKENS,
-        image_token_index=t5_tokenizer.convert_tokens_to_ids("<image>"),
-    )
-    torch.manual_seed(seed)
-    model = InstructBlipForConditionalGeneration(config)
-    _distinct_queries(model)
-    return model, processor
+    return build_tiny(seed, vision=VISION, qformer=QFORMER, text=TEXT, num_query_tokens=NUM_QUERY_TOKENS,
+                      pretrain=False)
 
 
 def padded_tokens(records, processor) -> tuple[float, float]:
@@ -289,8 +268,8 @@ def main() -> int:
     sweep_ratio = sweep["off"]["wall_s"] / sweep["on"]["wall_s"]
 
     g = 1e9
-    print(f"\nFLOPs per training image (2 x weights x tokens per forward matmul + attention QK^T/AV; LoRA: the "
-          f"tower and Q-Former run forward only, T5 backward counted as 2x its forward):")
+    print("\nFLOPs per training image (2 x weights x tokens per forward matmul + attention QK^T/AV; LoRA: the "
+          "tower and Q-Former run forward only, T5 backward counted as 2x its forward):")
     print(f"{'':<30}{'vision fwd':>12}{'Q-Former fwd':>14}{'T5 fwd+bwd':>12}{'vision : rest':>15}")
     print(f"{'small model (this bench)':<30}{small['vision_fwd'] / g:>11.2f}G{small['qformer_fwd'] / g:>13.3f}G"
           f"{small['t5_fwd_bwd'] / g:>11.2f}G{'1 : ' + format(rest / small['vision_fwd'], '.2f'):>15}")

@@ -316,8 +316,7 @@ def main() -> int:
     rows = []
     for cached in (False, True):
         if cached:
-            tower = use_cached_features(model)  # the tower leaves the GPU, as in a cached run
-            del tower
+            use_cached_features(model)  # the tower leaves the GPU, as in a cached run
             free_memory(optimizer)
         for checkpointing in (False, True):
             set_checkpointing(model, checkpointing)

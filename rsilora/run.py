@@ -183,8 +183,7 @@ def run_training(config: Config, output_dir: str | Path | None = None, *, on_epo
         print(f"feature cache off: model.mode={config.model.mode} trains the vision tower", flush=True)
     elif config.data.feature_cache:
         cache = cache_features(config, prepared, model, processor, device, progress=tcfg.progress)
-        del_tower = features.use_cached_features(model)  # the tower leaves the GPU: not needed any more
-        del del_tower
+        features.use_cached_features(model)  # the tower leaves the GPU: dropped, not needed any more
         if device.type == "cuda":
             torch.cuda.empty_cache()
     train_loader, val_loader = make_loaders(prepared, processor, config, device, cache)

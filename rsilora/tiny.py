@@ -89,28 +89,34 @@ def _bert_tokenizer(corpus: list[str], vocab_size: int) -> BertTokenizerFast:
     return BertTokenizerFast(vocab=tok.get_vocab())
 
 
-def build_tiny(seed: int = 0, qformer_vocab_size: int = 1000):
-    """Build ``(model, processor)`` in memory: random weights from ``seed``, tokenizers from synthetic text."""
+def build_tiny(seed: int = 0, qformer_vocab_size: int = 1000, *, vision: dict = VISION, qformer: dict = QFORMER,
+               text: dict = TEXT, num_query_tokens: int = NUM_QUERY_TOKENS, pretrain: bool = True):
+    """Build ``(model, processor)`` in memory: random weights from ``seed``, tokenizers from synthetic text.
+
+    The size dicts default to the embedded tiny model; benchmarks pass bigger ones. ``pretrain``
+    runs :func:`pretrain_language_model` on the T5.
+    """
     corpus = _corpus(seed)
     t5_tokenizer = _t5_tokenizer(corpus)
     bert_tokenizer = _bert_tokenizer(corpus, qformer_vocab_size)
-    image_processor = BlipImageProcessor(size={"height": VISION["image_size"], "width": VISION["image_size"]})
+    image_processor = BlipImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]})
     # The processor adds the <image> token to the T5 tokenizer: build it before the model config.
     processor = InstructBlipProcessor(image_processor, t5_tokenizer, bert_tokenizer,
-                                      num_query_tokens=NUM_QUERY_TOKENS)
+                                      num_query_tokens=num_query_tokens)
     config = InstructBlipConfig(
-        vision_config=VISION,
-        qformer_config=dict(QFORMER, vocab_size=len(bert_tokenizer), encoder_hidden_size=VISION["hidden_size"],
+        vision_config=vision,
+        qformer_config=dict(qformer, vocab_size=len(bert_tokenizer), encoder_hidden_size=vision["hidden_size"],
                             pad_token_id=bert_tokenizer.pad_token_id),
-        text_config=dict(TEXT, vocab_size=len(t5_tokenizer)),
-        num_query_tokens=NUM_QUERY_TOKENS,
+        text_config=dict(text, vocab_size=len(t5_tokenizer)),
+        num_query_tokens=num_query_tokens,
         image_token_index=t5_tokenizer.convert_tokens_to_ids("<image>"),
     )
     torch.manual_seed(seed)
     model = InstructBlipForConditionalGeneration(config)
     _distinct_queries(model)
     model.generation_config.max_new_tokens = 128
-    pretrain_language_model(model.language_model, t5_tokenizer, corpus, seed=seed)
+    if pretrain:
+        pretrain_language_model(model.language_model, t5_tokenizer, corpus, seed=seed)
     return model, processor
 
 

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import placeholder_images, write_dataset
 
 RSILORA = str(Path(sys.executable).parent / "rsilora")
