@@ -62,8 +62,10 @@ def head(tmp_path_factory):
     subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def _stage_args(synth, tiny_model_dir, storage, *extra) -> list[str]:
-    return ["--preset", "tiny", "--storage", str(storage), f"data.rsicap_dir={synth.rsicap_dir}",
+def _stage_args(synth, tiny_model_dir, storage, *extra, uri: bool = False) -> list[str]:
+    """Stage-job arguments on the session's tiny fixtures; ``uri`` passes the storage as file://."""
+    return ["--preset", "tiny", "--storage", f"file://{storage}" if uri else str(storage),
+            f"data.rsicap_dir={synth.rsicap_dir}",
             f"data.rsieval_dir={synth.rsieval_dir}", f"data.split_dir={storage}/splits",
             f"model.name_or_path={tiny_model_dir}", "train.progress=false", *extra]
 
@@ -181,10 +183,10 @@ def _trial_rows(experiment: Path) -> dict[str, list[dict]]:
     return rows
 
 
-def _start_stage1(head, synth, tiny_model_dir, storage, name, *extra) -> subprocess.Popen:
+def _start_stage1(head, synth, tiny_model_dir, storage, name, *extra, uri: bool = False) -> subprocess.Popen:
     env = {**head.env, "RAY_ADDRESS": head.gcs}
     return subprocess.Popen([sys.executable, "tune_jobs/stage1.py", "--name", name, "--space", "plan",
-                             "--scheduler", "fifo", *_stage_args(synth, tiny_model_dir, storage, *extra),
+                             "--scheduler", "fifo", *_stage_args(synth, tiny_model_dir, storage, *extra, uri=uri),
                              "train.early_stopping_patience=null"],  # every trial runs its 5 epochs
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -200,7 +202,8 @@ def _wait_for(predicate, timeout: float = 300, every: float = 0.1):
 
 
 def test_killed_trial_worker_restarts_from_its_checkpoint(head, synth, tiny_model_dir, tmp_path):
-    driver = _start_stage1(head, synth, tiny_model_dir, tmp_path, "kill", "tune.max_failures=2")
+    # storage given as a URI (file://): the pyarrow path that s3:// storage takes
+    driver = _start_stage1(head, synth, tiny_model_dir, tmp_path, "kill", "tune.max_failures=2", uri=True)
     experiment = tmp_path / "kill"
 
     def mid_run_worker():
@@ -213,8 +216,9 @@ def test_killed_trial_worker_restarts_from_its_checkpoint(head, synth, tiny_mode
     victim.send_signal(signal.SIGKILL)
     output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, output[-3000:]
-    trials = results.read_trials(experiment)
+    trials = results.read_trials(f"file://{experiment}")
     assert len(trials) == 5 and all(t.status == "completed" for t in trials)
+    assert results.best(f"file://{experiment}").checkpoint.startswith(f"file://{experiment}/")
     restored = [rows for rows in _trial_rows(experiment).values()
                 if any(r["iterations_since_restore"] == 1 and r["epoch"] > 1 for r in rows)]
     assert restored, "no trial resumed from a checkpoint after the kill"
