@@ -241,8 +241,12 @@ def test_interrupted_search_resumes_without_rerunning_completed_trials(head, syn
     output, _ = again.communicate(timeout=600)
     assert again.returncode == 0, output[-3000:]
     assert "resuming experiment" in output
-    after = {name: len(rows) for name, rows in _trial_rows(experiment).items()}
-    assert len(after) == 5 and all(n == 5 for n in after.values()), (before, after, output[-3000:])
+    rows = _trial_rows(experiment)
+    after = {name: len(r) for name, r in rows.items()}
+    # an interrupted trial may report an epoch twice (Ray resumes from the last checkpoint its
+    # saved state knew of): at least once, every epoch
+    assert len(rows) == 5 and all({r["epoch"] for r in trial} == {1, 2, 3, 4, 5} for trial in rows.values()), (
+        before, after, output[-3000:])
     assert all(after[name] == 5 == before[name] for name in finished_before), (before, after)  # not re-run
 
 
