@@ -237,6 +237,10 @@ class TuneConfig:
     """``grid`` (every combination) or ``optuna`` (TPE, num_samples trials)."""
     num_samples: int = 1
     """Grid: repeats of the whole grid. Optuna: number of trials."""
+    grid_order: str = "shuffled"
+    """Grid: ``shuffled`` (a random order seeded by train.seed) or ``listed`` (Ray's enumeration).
+    Asynchronous ASHA promotes the first trials at each rung unconditionally; shuffling keeps one
+    end of the grid (smallest rank/alpha/lr first) from getting all of those free promotions."""
     max_concurrent: int | None = None
     """At most this many trials at once. None: as many as the resources allow."""
     gpus_per_trial: float = 1.0
@@ -254,6 +258,8 @@ class TuneConfig:
             p.append(f"tune.scheduler must be asha or fifo, got {self.scheduler!r}")
         if self.search not in ("grid", "optuna"):
             p.append(f"tune.search must be grid or optuna, got {self.search!r}")
+        if self.grid_order not in ("shuffled", "listed"):
+            p.append(f"tune.grid_order must be shuffled or listed, got {self.grid_order!r}")
         if self.grace_period < 1:
             p.append(f"tune.grace_period must be >= 1, got {self.grace_period}")
         if not self.reduction_factor > 1:

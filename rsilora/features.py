@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -186,9 +186,11 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        views = load_file(self.cache.path(record, self.train))["views"]
-        view = int(torch.randint(views.shape[0], ())) if self.train else 0
-        return {"features": views[view], "prompt": self.prompt or record.prompt, "caption": record.caption}
+        with safe_open(self.cache.path(record, self.train), framework="pt") as f:
+            views = f.get_slice("views")  # reads the header only
+            view = int(torch.randint(views.get_shape()[0], ())) if self.train else 0
+            features = views[view]  # (257, 1408) fp16: one view read of the K stored
+        return {"features": features, "prompt": self.prompt or record.prompt, "caption": record.caption}
 
 
 class CachedFeatureCollator(CaptionCollator):

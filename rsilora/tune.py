@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
+import random
 import sys
 import uuid
 from dataclasses import dataclass
@@ -61,6 +63,18 @@ class StageSpace:
         for values in self.grid.values():
             n *= len(values)
         return n
+
+    def grid_points(self, repeats: int = 1, seed: int | None = None) -> list[dict[str, Any]]:
+        """Every grid combination (``repeats`` times), in a seeded random order when ``seed`` is given.
+
+        Why shuffle: asynchronous ASHA promotes the first trials to reach a rung whatever their
+        loss (the cutoff is a percentile of the results seen so far), so a grid enumerated from
+        small to large rank/alpha/lr hands those free promotions to one end of the space.
+        """
+        points = [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())] * repeats
+        if seed is not None:
+            random.Random(seed).shuffle(points)
+        return points
 
     def describe(self) -> str:
         lines = [f"{self.stage} ({self.title}), space '{self.name}': {self.size()} configurations"]
@@ -214,15 +228,17 @@ def build_tuner(base: dict[str, Any], space: StageSpace, config: Config, name: s
     if tcfg.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        values = space.grid or {k: sorted({c[k] for c in space.configs}) for k in space.keys}
+        values = space.grid or {k: list(dict.fromkeys(c[k] for c in space.configs)) for k in space.keys}
         param_space = {k: tune.choice(v) for k, v in values.items()}
         search_alg = ConcurrencyLimiter(OptunaSearch(seed=config.train.seed), tcfg.max_concurrent or 2)
         num_samples = tcfg.num_samples
-    elif space.configs:  # an explicit list of configurations, evaluated in order
-        param_space = {k: tune.choice(sorted({c[k] for c in space.configs})) for k in space.keys}
-        search_alg = BasicVariantGenerator(points_to_evaluate=space.configs)
-        num_samples = len(space.configs)
-    else:
+    elif space.configs or tcfg.grid_order == "shuffled":
+        # An explicit list of configurations, evaluated in order (a grid expanded and seeded-shuffled).
+        points = space.configs or space.grid_points(tcfg.num_samples, seed=config.train.seed)
+        param_space = {k: tune.choice(list(dict.fromkeys(p[k] for p in points))) for k in space.keys}
+        search_alg = BasicVariantGenerator(points_to_evaluate=points)
+        num_samples = len(points)
+    else:  # Ray's own grid order
         param_space = {k: tune.grid_search(v) for k, v in space.grid.items()}
         search_alg = BasicVariantGenerator()
         num_samples = tcfg.num_samples
@@ -311,7 +327,11 @@ def run_stage(stage: str, config: Config, space_name: str, name: str | None = No
                   f"{origin['val_loss']:.4f} at epoch {origin['epoch']}): {origin['overrides']}", flush=True)
         max_t = max([base["train"]["epochs"], *space.grid.get("train.epochs", [])])
         tuner = build_tuner(base, space, config, name, max_t)
+        if space.grid and config.tune.search == "grid":
+            print(f"grid order: {config.tune.grid_order}"
+                  + (f" (seed {config.train.seed})" if config.tune.grid_order == "shuffled" else ""), flush=True)
         record = {"stage": stage, "space": space_name, "search": config.tune.search,
+                  "grid_order": config.tune.grid_order, "seed": config.train.seed,
                   "scheduler": config.tune.scheduler, "max_t": max_t, "previous": origin,
                   "base_config": base, "grid": space.grid, "fixed": space.fixed, "configs": space.configs}
         _write_stage_record(experiment, record)

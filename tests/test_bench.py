@@ -79,3 +79,15 @@ def test_every_code_path_runs_on_a_tiny_cpu_model_and_oom_is_reported(monkeypatc
     assert [r for r in rows if r["oom"] and r["batch_size"] == 8][0]["note"].startswith("not tried")
     ok = [r for r in rows if not r["oom"]]
     assert all(r["step_s"] > 0 and r["tflops"] > 0 and 0 < r["mfu"] for r in ok)
+
+
+def test_asha_replay_follows_rays_scheduler_and_depends_on_the_order():
+    spec = importlib.util.spec_from_file_location("asha_vs_fifo", REPO / "bench" / "asha_vs_fifo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # nine trials with flat curves, trial i at loss 1 + i, one epoch = 1 s, one trial at a time
+    curves = [[(1.0 + i, 1.0)] * 9 for i in range(9)]
+    # best first: it runs all 9 epochs; each later (worse) trial is cut at the first rung (epoch 1)
+    assert bench.replay_asha(curves, 1, max_t=9, grace=1, reduction_factor=3) == (9 + 8, 1.0)
+    # worst first: every trial beats the rung's cutoff of those before it, so none is ever stopped
+    assert bench.replay_asha(curves[::-1], 1, max_t=9, grace=1, reduction_factor=3) == (81, 1.0)
