@@ -1,4 +1,4 @@
-"""The report: figures, tables and report.md from a real (tiny) stage-1 experiment and an evaluation folder."""
+"""The report and its figures (rsilora.report, rsilora.plots) from a real (tiny) stage-1 experiment and an evaluation folder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rsilora import report, results
+from rsilora import plots, report, results
 from rsilora.files import OutputExistsError
 from rsilora.results import TrialSummary
 
@@ -27,7 +27,7 @@ def assert_png(path: Path, figsize: tuple[float, float]) -> None:
     with Image.open(path) as img:
         img.verify()
     with Image.open(path) as img:
-        assert img.size == (round(figsize[0] * report.DPI), round(figsize[1] * report.DPI))
+        assert img.size == (round(figsize[0] * plots.DPI), round(figsize[1] * plots.DPI))
         assert np.asarray(img.convert("L"), dtype=float).std() > 0
 
 
@@ -37,22 +37,22 @@ def assert_png(path: Path, figsize: tuple[float, float]) -> None:
 
 def test_comparison_figures_are_full_size_pngs(quick_eval, tmp_path):
     comparison = report.load_comparison(quick_eval)
-    assert_png(report.plot_baseline_comparison(comparison, tmp_path / "b.png"), report.BASELINE_FIGSIZE)
-    assert_png(report.plot_efficiency_tradeoff(comparison, tmp_path / "e.png"), report.EFFICIENCY_FIGSIZE)
-    assert_png(report.plot_samples(comparison, quick_eval, tmp_path / "s.png", n=3),
-               report.samples_figsize(3, len(comparison["models"])))
+    assert_png(plots.plot_baseline_comparison(comparison, tmp_path / "b.png"), plots.BASELINE_FIGSIZE)
+    assert_png(plots.plot_efficiency_tradeoff(comparison, tmp_path / "e.png"), plots.EFFICIENCY_FIGSIZE)
+    assert_png(plots.plot_samples(comparison, quick_eval, tmp_path / "s.png", n=3),
+               plots.samples_figsize(3, len(comparison["models"])))
 
 
 def test_samples_draw_captions_even_without_the_images(quick_eval, tmp_path):
     comparison = {**report.load_comparison(quick_eval), "data": str(tmp_path / "elsewhere")}
-    assert_png(report.plot_samples(comparison, quick_eval, tmp_path / "s.png", n=2), report.samples_figsize(2, 4))
+    assert_png(plots.plot_samples(comparison, quick_eval, tmp_path / "s.png", n=2), plots.samples_figsize(2, 4))
 
 
 def test_loss_curves_are_capped_at_24_best_panels(tmp_path):
     trials = [_fake_trial(i) for i in range(30)]
-    path = report.plot_loss_curves(trials, tmp_path / "loss.png")
-    assert_png(path, report.loss_curves_figsize(24))
-    assert report.loss_curves_figsize(5) == (14.0, 7.25)  # 3 columns, 2 rows
+    path = plots.plot_loss_curves(trials, tmp_path / "loss.png")
+    assert_png(path, plots.loss_curves_figsize(24))
+    assert plots.loss_curves_figsize(5) == (14.0, 7.25)  # 3 columns, 2 rows
 
 
 def _fake_trial(i: int) -> TrialSummary:
@@ -67,10 +67,10 @@ def _fake_trial(i: int) -> TrialSummary:
 
 
 def test_formatters_and_markdown_table():
-    assert report.fmt_params(18874368) == "18.87 M" and report.fmt_params(4022969088) == "4.02 B"
-    assert report.fmt_time(9720) == "2 h 42 min" and report.fmt_time(785) == "13 min 5 s"
-    assert report.trial_label({"lora.dropout": 0.1, "lora.alpha": 32, "lora.r": 16}) == "r=16, α=32, dropout=0.1"
-    assert report.trial_label({"train.lr": 3e-5}) == "lr=3e-05"
+    assert plots.fmt_params(18874368) == "18.87 M" and plots.fmt_params(4022969088) == "4.02 B"
+    assert plots.fmt_time(9720) == "2 h 42 min" and plots.fmt_time(785) == "13 min 5 s"
+    assert plots.trial_label({"lora.dropout": 0.1, "lora.alpha": 32, "lora.r": 16}) == "r=16, α=32, dropout=0.1"
+    assert plots.trial_label({"train.lr": 3e-5}) == "lr=3e-05"
     table = report.markdown_table([{"A": 1, "B": "x|y"}, {"A": None, "B": "z"}])
     assert table.splitlines() == ["| A | B |", "| --- | --- |", "| 1 | x\\|y |", "| — | z |"]
 
@@ -116,9 +116,9 @@ def test_full_report(tiny_experiment, tiny_eval_dir, tmp_path):
     path = report.write_report(tiny_experiment, tiny_eval_dir, tmp_path / "results")
     out = path.parent
     text = path.read_text()
-    figures = {"loss_curves.png": report.loss_curves_figsize(len(trials)),
-               "baseline_comparison.png": report.BASELINE_FIGSIZE,
-               "efficiency_tradeoff.png": report.EFFICIENCY_FIGSIZE, "samples.png": report.samples_figsize(4, 4)}
+    figures = {"loss_curves.png": plots.loss_curves_figsize(len(trials)),
+               "baseline_comparison.png": plots.BASELINE_FIGSIZE,
+               "efficiency_tradeoff.png": plots.EFFICIENCY_FIGSIZE, "samples.png": plots.samples_figsize(4, 4)}
     for name, figsize in figures.items():
         assert_png(out / name, figsize)
         assert f"]({name})" in text
