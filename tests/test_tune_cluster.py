@@ -1,12 +1,18 @@
-"""A two-node Ray cluster (``ray.cluster_utils.Cluster``): trials spread over both nodes."""
+"""Multi-node Ray clusters: trials spread over two nodes; a node blind to the storage is refused."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from rsilora import results
 from rsilora.config import load_config
 
+BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
@@ -38,4 +44,48 @@ def test_trials_spread_over_two_nodes_with_results_in_shared_storage(synth, tiny
         assert all((storage / "two-nodes" / t.trial_dir.split("/")[-1] / "result.json").is_file() for t in trials)
     finally:
         ray.shutdown()
+        cluster.shutdown()
+
+
+def _can_unshare_mounts() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs unshare -m (root or CAP_SYS_ADMIN)")
+def test_a_node_that_cannot_see_the_local_storage_is_refused(tmp_path):
+    """A real second node that does not see the storage folder: its own mount namespace, where an
+    empty tmpfs hides the folder (as a node without the NFS mount would)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from rsilora.tune import check_shared_storage
+
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    blind = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                              f"mount -t tmpfs none {storage} && exec {BIN / 'ray'} start --block "
+                              f"--address={cluster.address} --node-ip-address=127.0.0.1 --num-cpus=1 "
+                              "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ray.init(address=cluster.address)
+        deadline = time.time() + 90
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline and blind.poll() is None:
+            time.sleep(1)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2, "the second node did not join"
+        with pytest.raises(RuntimeError, match=r"is a local path that 1 of 2 nodes cannot see"):
+            check_shared_storage(str(storage))
+        assert not list(storage.iterdir())  # the marker file was removed
+        check_shared_storage(f"file://{storage}")  # a URI is not checked (Ray's filesystem layer reads it)
+    finally:
+        ray.shutdown()
+        blind.terminate()
+        try:
+            blind.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            blind.kill()
         cluster.shutdown()
