@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,15 +48,17 @@ def test_trials_spread_over_two_nodes_with_results_in_shared_storage(synth, tiny
         cluster.shutdown()
 
 
-def _can_unshare_mounts() -> bool:
-    try:
-        return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True,
-                              timeout=30).returncode == 0
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return False
+def _can_hide_a_folder() -> bool:
+    """Whether this machine lets us mount a tmpfs in a private mount namespace (root or CAP_SYS_ADMIN)."""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            return subprocess.run(["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "none",
+                                   folder], capture_output=True, timeout=30).returncode == 0
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            return False
 
 
-@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs unshare -m (root or CAP_SYS_ADMIN)")
+@pytest.mark.skipif(not _can_hide_a_folder(), reason="needs unshare -m and mount (root or CAP_SYS_ADMIN)")
 def test_a_node_that_cannot_see_the_local_storage_is_refused(tmp_path):
     """A real second node that does not see the storage folder: its own mount namespace, where an
     empty tmpfs hides the folder (as a node without the NFS mount would)."""
