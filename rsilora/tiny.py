@@ -111,20 +111,24 @@ def build_tiny(seed: int = 0, qformer_vocab_size: int = 1000, *, vision: dict = 
         num_query_tokens=num_query_tokens,
         image_token_index=t5_tokenizer.convert_tokens_to_ids("<image>"),
     )
-    torch.manual_seed(seed)
-    model = InstructBlipForConditionalGeneration(config)
-    _distinct_queries(model)
-    model.generation_config.max_new_tokens = 128
+    model = _random_model(InstructBlipForConditionalGeneration, config, seed)
     if pretrain:
         pretrain_language_model(model.language_model, t5_tokenizer, corpus, seed=seed)
     return model, processor
 
 
-def _distinct_queries(model) -> None:
-    """Query tokens start at zero in transformers (a checkpoint overwrites them): all queries would be
-    one query. Give the random model distinct ones, as a trained Q-Former has."""
+def _random_model(model_class, config, seed: int):
+    """``model_class(config)`` with random weights from ``seed``, set up as a captioner.
+
+    Query tokens start at zero in transformers (a checkpoint overwrites them): all queries would be
+    one query. The random model gets distinct ones, as a trained Q-Former has.
+    """
+    torch.manual_seed(seed)
+    model = model_class(config)
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 0.02)
+    model.generation_config.max_new_tokens = 128
+    return model
 
 
 def pretrain_language_model(language_model, tokenizer, corpus: list[str], steps: int = 300, batch_size: int = 16,
@@ -171,10 +175,7 @@ def build_tiny_blip2(seed: int = 0):
         num_query_tokens=NUM_QUERY_TOKENS,
         image_token_index=t5_tokenizer.convert_tokens_to_ids("<image>"),
     )
-    torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(config)
-    _distinct_queries(model)
-    model.generation_config.max_new_tokens = 128
+    model = _random_model(Blip2ForConditionalGeneration, config, seed)
     pretrain_language_model(model.language_model, t5_tokenizer, corpus, seed=seed + 1)
     return model, processor
 
