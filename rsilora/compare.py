@@ -13,8 +13,6 @@ Output folder::
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 
 from rsilora import evaluate, results
 from rsilora.data import load_rsieval
-from rsilora.files import atomic_write_json, atomic_write_text, prepare_output_dir
+from rsilora.files import atomic_write_json, atomic_write_text, csv_text, prepare_output_dir
 from rsilora.model import format_count
 from rsilora.predict import default_prompt, generate_captions, load_captioner, write_predictions
 
@@ -119,12 +117,12 @@ def evaluate_candidate(candidate: Candidate, data_dir: str, out: Path, settings:
     write_predictions(folder, records, captions, prompt)
     predictions = {r.filename: c for r, c in zip(records, captions)}
     references = {r.filename: [r.caption] for r in records}
-    scores = evaluate.score(predictions, references)
+    # the intervals' points are pycocoevalcap's corpus scores: no separate evaluate.score() pass
     intervals = evaluate.bootstrap_ci(predictions, references, settings.resamples, settings.seed)
     entry = {**asdict(candidate), "model": candidate.base, "adapter": candidate.weights, "prompt": prompt,
              "generation": {k: v for k, v in asdict(settings).items() if k not in ("resamples", "seed")},
              "parameters": {"total": captioner.total_params, "trainable": captioner.trainable_params},
-             "scores": scores.corpus, "ci": {m: [iv.low, iv.high] for m, iv in intervals.items()},
+             "scores": {m: iv.point for m, iv in intervals.items()}, "ci": {m: [iv.low, iv.high] for m, iv in intervals.items()},
              **speed, "images": len(records), "predictions": f"{candidate.key}/predictions.json"}
     atomic_write_json(folder / "metrics.json", entry)
     del captioner
@@ -142,10 +140,11 @@ def compare(candidates: list[Candidate], data_dir: str, out: str | Path, setting
     references = {r["filename"]: [r["reference"]] for r in _predictions(out, entries[0])}
     paired = []
     baseline = next((e for e in entries if e["kind"] == "zero-shot"), None)
+    baseline_predictions = _as_dict(out, baseline) if baseline else {}
     for entry in entries:
         if baseline is None or entry["kind"] not in ("lora", "full"):
             continue
-        differences = evaluate.paired_bootstrap(_as_dict(out, entry), _as_dict(out, baseline), references,
+        differences = evaluate.paired_bootstrap(_as_dict(out, entry), baseline_predictions, references,
                                                 settings.resamples, settings.seed)
         paired += [{"a": entry["key"], "b": baseline["key"], "metric": m, "difference": d.difference,
                     "ci": [d.low, d.high], "a_better_share": d.a_better_share} for m, d in differences.items()]
@@ -229,9 +228,4 @@ def _ratio(value: float | None) -> str:
 
 
 def comparison_csv(comparison: dict[str, Any]) -> str:
-    buffer = io.StringIO()
-    rows = table_rows(comparison)
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+    return csv_text(table_rows(comparison))

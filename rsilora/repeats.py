@@ -29,13 +29,13 @@ def repeat(config: Config, seeds: list[int], data_dir: str, out: str | Path, set
         raise ValueError(f"need at least two distinct seeds, got {seeds}")
     out = prepare_output_dir(out, overwrite=overwrite)
     runs = []
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         folder = out / f"seed-{seed}"
         seeded = config_from_dict(merge(config.to_dict(), {"train": {"seed": seed, "output_dir": str(folder)}}))
         print(f"== seed {seed} ==", flush=True)
         state = run_training(seeded)
         entry = evaluate_candidate(from_run(str(folder / "best"), seeded.model.name_or_path, "lora"), data_dir,
-                                   folder / "eval", settings, device)
+                                   folder / "eval", settings, device, verify_images=i == 0)  # images once
         runs.append({"seed": seed, "best_epoch": state.best_epoch, "best_val_loss": state.best_val_loss,
                      "scores": entry["scores"]})
     summary = {m: _stats([r["scores"][m] for r in runs]) for m in METRICS}

@@ -7,8 +7,6 @@ drawn by :mod:`rsilora.plots`.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -20,7 +18,7 @@ from pathlib import Path
 
 from rsilora import results
 from rsilora.config import config_from_dict, to_yaml
-from rsilora.files import prepare_output_dir, replace_dir
+from rsilora.files import csv_text, prepare_output_dir, replace_dir
 from rsilora.plots import (BAR_METRICS, DASH, fmt_num, fmt_params, fmt_time, plot_baseline_comparison,
                            plot_efficiency_tradeoff, plot_loss_curves, plot_samples, ranked, trial_label)
 from rsilora.results import TrialSummary
@@ -69,14 +67,6 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "|".join(" --- " for _ in keys) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
-
-
-def _csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def load_comparison(eval_dir: str | Path) -> dict:
@@ -198,7 +188,7 @@ def _experiment_section(staging: Path, experiment, trials: list[TrialSummary], c
     plot_loss_curves(trials, staging / "loss_curves.png")
     rows = config_table(trials, comparison)
     (staging / "config_table.md").write_text(markdown_table(rows), encoding="utf-8")
-    (staging / "config_table.csv").write_text(_csv(rows), encoding="utf-8")
+    (staging / "config_table.csv").write_text(csv_text(rows), encoding="utf-8")
     origin = stage.get("previous")
     md = ["## Search", "",
           f"- stage: {stage.get('stage')}, space: {stage.get('space')}, search: {stage.get('search')}, "
@@ -211,7 +201,7 @@ def _experiment_section(staging: Path, experiment, trials: list[TrialSummary], c
           "([config_table.md](config_table.md), [config_table.csv](config_table.csv)).", "",
           markdown_table(rows)]
     if any(t.best_val_loss is not None for t in trials):
-        top = results.best(experiment)
+        top = results.best(experiment, trials)
         md += ["### Best trial", "",
                f"Trial {top.trial_id}: val loss {top.val_loss:.4f} at epoch {top.epoch}; searched values: "
                f"{trial_label(top.overrides)}; checkpoint: `{top.checkpoint}`.", "", "```yaml",

@@ -189,9 +189,12 @@ def _failed_last(trial_dir: str, rows: list[dict[str, Any]]) -> bool:
 
 
 
-def best(experiment: str | Path) -> BestTrial:
-    """The trial with the lowest val_loss at any epoch, its config, epoch and checkpoint."""
-    trials = [t for t in read_trials(experiment) if t.best_val_loss is not None]
+def best(experiment: str | Path, trials: list[TrialSummary] | None = None) -> BestTrial:
+    """The trial with the lowest val_loss at any epoch, its config, epoch and checkpoint.
+
+    ``trials``: the experiment's :func:`read_trials`, when the caller has them already.
+    """
+    trials = [t for t in (read_trials(experiment) if trials is None else trials) if t.best_val_loss is not None]
     if not trials:
         raise ValueError(f"{experiment}: no trial has reported a val_loss yet")
     top = min(trials, key=lambda t: t.best_val_loss)
