@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from rsilora.augment import build_transform
 from rsilora.data import CaptionCollator, CaptionRecord, open_image
 from rsilora.files import atomic_write_bytes
-
-EVAL_VIEW_SEED = -1  # the validation/test view is deterministic: no seed, no augmentation
-
 
 @dataclass(frozen=True)
 class FeatureCache:
@@ -200,12 +197,18 @@ class CachedFeatureCollator(CaptionCollator):
     insert for images are prepended the way the processor does it (tested to be identical).
     """
 
+    @cached_property
+    def image_ids(self) -> torch.Tensor:
+        """The ``(1, num_query_tokens)`` ``<image>`` placeholder ids, tokenized once."""
+        processor = self.processor
+        return processor.tokenizer(processor.image_token.content * processor.num_query_tokens,
+                                   add_special_tokens=False, return_tensors="pt")["input_ids"]
+
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         processor = self.processor
         batch = processor(text=[item["prompt"] for item in items], padding="longest", truncation=True,
                           max_length=self.max_prompt_tokens + processor.num_query_tokens, return_tensors="pt")
-        image_ids = processor.tokenizer(processor.image_token.content * processor.num_query_tokens,
-                                        add_special_tokens=False, return_tensors="pt")["input_ids"]
+        image_ids = self.image_ids
         n = len(items)
         batch["input_ids"] = torch.cat([image_ids.expand(n, -1), batch["input_ids"]], dim=1)
         batch["attention_mask"] = torch.cat([torch.ones_like(image_ids).expand(n, -1), batch["attention_mask"]], 1)
@@ -226,9 +229,14 @@ class FeatureLookup(torch.nn.Module):
         return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=features[:, 0])
 
 
+def base_model(model) -> torch.nn.Module:
+    """The InstructBLIP model under a PEFT wrapper (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def use_cached_features(model) -> torch.nn.Module:
     """Replace the (PEFT-wrapped) model's vision tower by :class:`FeatureLookup`; returns the tower."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     tower = base.vision_model
     dtype = next(tower.parameters()).dtype
     base.vision_model = FeatureLookup(tower.config, dtype)

@@ -8,9 +8,6 @@ as validation images in training. Scores are computed by :mod:`rsilora.evaluate`
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +23,7 @@ from transformers import (
 
 from rsilora.augment import eval_transform
 from rsilora.data import CaptionRecord, open_image
-from rsilora.files import atomic_write_json, atomic_write_text
+from rsilora.files import atomic_write_json, atomic_write_text, csv_text
 from rsilora.model import check_model_path, compute_dtype, count_parameters, image_size, load_processor
 
 KINDS = ("zero-shot", "lora", "full", "blip2-zero-shot")
@@ -126,12 +123,5 @@ def write_predictions(folder: Path, records: list[CaptionRecord], captions: list
     rows = [{"filename": r.filename, "prediction": c, "reference": r.caption, "prompt": prompt}
             for r, c in zip(records, captions)]
     atomic_write_json(folder / "predictions.json", rows)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(folder / "predictions.csv", buffer.getvalue())
+    atomic_write_text(folder / "predictions.csv", csv_text(rows))
 
-
-def read_predictions(folder: str | Path) -> list[dict[str, str]]:
-    return json.loads((Path(folder) / "predictions.json").read_text(encoding="utf-8"))

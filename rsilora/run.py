@@ -84,8 +84,7 @@ def feature_cache(config: Config, model, processor) -> features.FeatureCache:
     """The cache folder for this model's vision tower and the data settings."""
     cfg = config.data
     root = Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else Path(cfg.rsicap_dir) / "features"
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return features.cache_for(root, base.vision_model, config.model.name_or_path, processor.image_processor,
+    return features.cache_for(root, features.base_model(model).vision_model, config.model.name_or_path, processor.image_processor,
                               image_size(processor), cfg.cache_views, cfg.augment, cfg.aug_prob, cfg.split_seed)
 
 
@@ -93,13 +92,18 @@ def cache_features(config: Config, prepared: PreparedData, model, processor, dev
                    progress: bool = True) -> features.FeatureCache:
     """Fill the cache for the train and val images (what is there already is reused)."""
     cache = feature_cache(config, model, processor)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    computed = features.build_cache(cache, prepared.train, base.vision_model, processor.image_processor, device,
-                                    train=True, progress=progress)
-    computed += features.build_cache(cache, prepared.val, base.vision_model, processor.image_processor, device,
-                                     train=False, progress=progress)
+    computed = _fill_cache(cache, prepared, model, processor, device, progress)
     print(f"feature cache: {cache.folder} ({computed} views computed now)", flush=True)
     return cache
+
+
+def _fill_cache(cache: features.FeatureCache, prepared: PreparedData, model, processor, device: torch.device,
+                progress: bool) -> int:
+    """Compute the missing train views and val views; returns how many were computed."""
+    tower = features.base_model(model).vision_model
+    return sum(features.build_cache(cache, records, tower, processor.image_processor, device, train=train,
+                                    progress=progress)
+               for records, train in ((prepared.train, True), (prepared.val, False)))
 
 
 def build_feature_cache(config: Config) -> int:
@@ -111,10 +115,8 @@ def build_feature_cache(config: Config) -> int:
     prepared = prepare_data(config, verify_images=False)
     processor = load_processor(config.model.name_or_path)
     model = load_model(config.model.name_or_path, device)
-    cache = feature_cache(config, model, processor)
-    computed = sum(features.build_cache(cache, records, model.vision_model, processor.image_processor, device,
-                                        train=train, progress=config.train.progress)
-                   for records, train in ((prepared.train, True), (prepared.val, False)))
+    computed = _fill_cache(feature_cache(config, model, processor), prepared, model, processor, device,
+                           config.train.progress)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

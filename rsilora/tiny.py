@@ -33,9 +33,8 @@ from transformers import (
 )
 
 from rsilora.files import prepare_output_dir, replace_dir
+from rsilora.predict import ZERO_SHOT_PROMPT
 from rsilora.synth import RSICAP_PROMPTS, caption_corpus
-
-ZERO_SHOT_PROMPT = "Describe this aerial/satellite image in detail:"
 
 # Sizes: small enough to train at ~0.02 s/step on a CPU, big enough that LoRA learns the captions.
 # initializer_range: InstructBLIP's vision config defaults to 1e-10 (harmless for checkpoints, but a
